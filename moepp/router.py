@@ -1,0 +1,78 @@
+"""Router (float32), gating residual, and the three gate modes (paper, official, mixtral)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import MoEConfig
+
+
+class Router(nn.Module):
+    """logits = wg(x) [+ gate_map(previous MoE layer's logits)]; parameters stay float32 under .to(dtype)."""
+
+    def __init__(self, cfg: MoEConfig, init_std: float = 0.02):
+        super().__init__()
+        N, D = cfg.n_experts, cfg.d_model
+        if cfg.router == "linear":
+            self.wg = nn.Linear(D, N, bias=False)
+        else:
+            self.wg = nn.Sequential(
+                nn.Linear(D, cfg.router_mult * N, bias=False), nn.Tanh(), nn.Linear(cfg.router_mult * N, N, bias=False)
+            )
+        self.gate_map = nn.Linear(N, N, bias=False)  # the N x N gating-residual map
+        for p in self.parameters():
+            nn.init.normal_(p, std=init_std)
+
+    def _apply(self, fn, recurse=True):
+        # The router runs in float32 whatever the model dtype: routing decisions must not depend on bf16 rounding.
+        super()._apply(fn, recurse)
+        for p in self.parameters():
+            if p.dtype != torch.float32:
+                p.data = p.data.float()
+        return self
+
+    def forward(self, x_TD: torch.Tensor, prev_logits_TN: torch.Tensor | None = None) -> torch.Tensor:
+        logits_TN = self.wg(x_TD.float())
+        if prev_logits_TN is not None:
+            logits_TN = logits_TN + self.gate_map(prev_logits_TN.float())
+        return logits_TN
+
+
+@dataclass
+class Gating:
+    topk_ids_TK: torch.Tensor  # long
+    gates_TK: torch.Tensor  # float32, the weight of each chosen expert
+    probs_TN: torch.Tensor  # float32, softmax over all experts (for the balance loss)
+
+
+def normalise_logits(logits_TN: torch.Tensor, cfg: MoEConfig) -> torch.Tensor:
+    if not cfg.logits_norm:
+        return logits_TN
+    std_T1 = logits_TN.std(dim=1, keepdim=True)  # unbiased, over experts
+    return logits_TN / (std_T1 / cfg.logits_norm_std)
+
+
+def gate(logits_TN: torch.Tensor, cfg: MoEConfig) -> Gating:
+    """Choose K experts per token and their gate values.
+
+    paper:    softmax over all N, keep the K largest, no renormalisation.
+    official: softmax over all N, top K, zero experts' gates set to 0, the K gates renormalised to sum to 1.
+    mixtral:  top K logits, softmax over those K only.
+    """
+    K = cfg.top_k
+    z_TN = normalise_logits(logits_TN, cfg)
+    probs_TN = torch.softmax(z_TN, dim=1)
+    if cfg.gate_mode == "mixtral":
+        top_logits_TK, ids_TK = torch.topk(z_TN, k=K, dim=1)
+        return Gating(ids_TK, torch.softmax(top_logits_TK, dim=1), probs_TN)
+    gates_TK, ids_TK = torch.topk(probs_TN, k=K, dim=1)
+    if cfg.gate_mode == "official":
+        zero = cfg.type_range("zero")
+        is_zero_TK = (ids_TK >= zero.start) & (ids_TK < zero.stop)
+        gates_TK = gates_TK.masked_fill(is_zero_TK, 0.0)
+        # With one zero expert a token always keeps one nonzero gate; the clamp only guards n_zero >= K.
+        gates_TK = gates_TK / gates_TK.sum(dim=1, keepdim=True).clamp_min(torch.finfo(gates_TK.dtype).tiny)
+    return Gating(ids_TK, gates_TK, probs_TN)

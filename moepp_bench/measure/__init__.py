@@ -1,0 +1,1 @@
+"""Measurement functions: they return records (dicts or dataclasses) and never print."""
