@@ -14,12 +14,21 @@ Backends for the FFN part (all share the plan and the ZC handling):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from .config import MoEConfig
 from .experts import FFNExperts, ZeroComputationExperts, swiglu
+
+
+def count_per_expert(ids: torch.Tensor, n: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """How many entries of ids equal each of 0..n-1. Unlike bincount, never syncs with the host on CUDA
+    (bincount reads the maximum back to size its output), so it can sit inside a CUDA graph."""
+    ids = ids.reshape(-1)
+    src = torch.ones_like(ids) if weights is None else weights.reshape(-1)
+    return torch.zeros(n, dtype=src.dtype, device=ids.device).index_add_(0, ids, src)
 
 
 @dataclass
@@ -39,7 +48,7 @@ def capacity_drops(topk_ids_TK: torch.Tensor, cfg: MoEConfig) -> torch.Tensor | 
         return None
     ids_S = topk_ids_TK.t().reshape(-1)  # k-major: every token's first choice before any second choice
     order_S = torch.argsort(ids_S, stable=True)
-    counts_N = torch.bincount(ids_S, minlength=cfg.n_experts)
+    counts_N = count_per_expert(ids_S, cfg.n_experts)
     starts_N = torch.cumsum(counts_N, 0) - counts_N
     rank_sorted_S = torch.arange(ids_S.numel(), device=ids_S.device) - starts_N[ids_S[order_S]]
     rank_S = torch.empty_like(rank_sorted_S)
@@ -61,7 +70,7 @@ def make_plan(topk_ids_TK: torch.Tensor, cfg: MoEConfig) -> DispatchPlan:
         order_S=order_S,
         token_S=torch.div(order_S, K, rounding_mode="floor"),
         expert_S=ids_S.index_select(0, order_S),
-        counts_N1=torch.bincount(ids_S, minlength=N + 1),
+        counts_N1=count_per_expert(ids_S, N + 1),
         dropped_TK=dropped_TK,
     )
 
@@ -70,12 +79,14 @@ def make_plan(topk_ids_TK: torch.Tensor, cfg: MoEConfig) -> DispatchPlan:
 def _ffn_sorted(x_RD: torch.Tensor, counts: list[int], ffn: FFNExperts) -> torch.Tensor:
     if not torch.is_grad_enabled() or not (x_RD.requires_grad or ffn.w_up.requires_grad):
         return _ffn_sorted_inference(x_RD, counts, ffn)
+    # unbind once: indexing w_up[e] per expert would make autograd build a full-size zero gradient per expert.
+    w_up, w_down = ffn.w_up.unbind(0), ffn.w_down.unbind(0)
     outs = []
     start = 0
     for e, n in enumerate(counts):
         if n:
             x_nD = x_RD[start : start + n]
-            outs.append(torch.mm(swiglu(torch.mm(x_nD, ffn.w_up[e].t())), ffn.w_down[e].t()))
+            outs.append(torch.mm(swiglu(torch.mm(x_nD, w_up[e].t())), w_down[e].t()))
         start += n
     return torch.cat(outs) if outs else x_RD.new_zeros(0, x_RD.shape[1])
 
@@ -140,32 +151,46 @@ def dispatch_combine(
     zc: ZeroComputationExperts,
     cfg: MoEConfig,
     backend: str | None = None,
+    marker: Callable[[str], None] | None = None,
 ) -> tuple[torch.Tensor, DispatchPlan]:
-    """y[t] = sum over kept slots (t, k) of gates[t, k] * E_{ids[t, k]}(x[t])."""
+    """y[t] = sum over kept slots (t, k) of gates[t, k] * E_{ids[t, k]}(x[t]).
+
+    marker, when given, is called with a stage name as each stage ends (for per-stage timing)."""
     backend = backend or cfg.backend
+    mark = marker or _no_mark
     plan = make_plan(topk_ids_TK, cfg)
     if backend == "loop":
         return _combine_loop(x_TD, topk_ids_TK, gates_TK, plan, ffn, zc, cfg), plan
     if backend == "grouped_mm":
         return _combine_sync_free(x_TD, gates_TK, plan, ffn, zc, cfg), plan
 
-    gates_S = gates_TK.reshape(-1).index_select(0, plan.order_S).to(x_TD.dtype)
+    gates_S = gates_TK.reshape(-1).index_select(0, plan.order_S)
     counts = plan.counts_N1.tolist()  # the one host sync of this layer
     n_ffn_slots = sum(counts[: cfg.n_ffn])
-    n_cc_slots = sum(counts[cfg.n_ffn : cfg.n_ffn + cfg.n_constant + cfg.n_copy])  # constant + copy slots
+    n_const_slots = sum(counts[cfg.n_ffn : cfg.n_ffn + cfg.n_constant])
+    n_copy_slots = sum(counts[cfg.n_ffn + cfg.n_constant : cfg.n_ffn + cfg.n_constant + cfg.n_copy])
     y_TD = torch.zeros_like(x_TD)
+    mark("sort")
     if n_ffn_slots:
         tok_R = plan.token_S[:n_ffn_slots]
         x_RD = x_TD.index_select(0, tok_R)
+        mark("gather")
         ffn_fn = _ffn_padded if backend == "padded" else _ffn_sorted
         rows_RD = ffn_fn(x_RD, counts[: cfg.n_ffn], ffn)
-        y_TD.index_add_(0, tok_R, rows_RD * gates_S[:n_ffn_slots].unsqueeze(1))
-    if n_cc_slots:
-        sl = slice(n_ffn_slots, n_ffn_slots + n_cc_slots)
-        tok_R = plan.token_S[sl]
-        rows_RD = zc.rows(x_TD.index_select(0, tok_R), plan.expert_S[sl])
-        y_TD.index_add_(0, tok_R, rows_RD * gates_S[sl].unsqueeze(1))
+        mark("expert_matmuls")
+        g_R1 = gates_S[:n_ffn_slots].to(x_TD.dtype).unsqueeze(1)
+        rows_RD = rows_RD * g_R1 if rows_RD.requires_grad else rows_RD.mul_(g_R1)
+        y_TD.index_add_(0, tok_R, rows_RD)
+        mark("combine")
+    if n_const_slots + n_copy_slots:
+        sl = slice(n_ffn_slots, n_ffn_slots + n_const_slots + n_copy_slots)
+        y_TD = zc.add_token_terms(y_TD, x_TD, plan.token_S[sl], plan.expert_S[sl], gates_S[sl], n_const_slots)
+        mark("zc_experts")
     return y_TD, plan
+
+
+def _no_mark(stage: str) -> None:
+    pass
 
 
 def _combine_sync_free(x_TD, gates_TK, plan: DispatchPlan, ffn, zc, cfg: MoEConfig) -> torch.Tensor:
@@ -193,11 +218,12 @@ def _combine_loop(x_TD, topk_ids_TK, gates_TK, plan: DispatchPlan, ffn, zc, cfg:
     y_TD = torch.zeros_like(x_TD)
     types = cfg.expert_types
     const_start = cfg.type_range("constant").start
+    w_up, w_down = ffn.w_up.unbind(0), ffn.w_down.unbind(0)  # as separate per-expert weights would be
     for e in range(cfg.n_experts):
         tok_R, k_R = torch.nonzero(ids_TK == e, as_tuple=True)
         x_RD = x_TD.index_select(0, tok_R)
         if types[e] == "ffn":
-            out_RD = ffn.expert(e, x_RD)
+            out_RD = F.linear(swiglu(F.linear(x_RD, w_up[e])), w_down[e])
         elif types[e] == "constant":
             out_RD = zc.constant_expert(e - const_start, x_RD)
         elif types[e] == "copy":

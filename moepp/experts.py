@@ -77,3 +77,29 @@ class ZeroComputationExperts(nn.Module):
         coef_x_R = torch.where(is_copy_R, torch.ones_like(a_R2[:, 0]), a_R2[:, 0] * mask_c)
         coef_v_R = a_R2[:, 1] * mask_c
         return coef_x_R.unsqueeze(1) * x_RD + coef_v_R.unsqueeze(1) * self.const_v.index_select(0, c_R)
+
+    def add_token_terms(self, y_TD: torch.Tensor, x_TD: torch.Tensor, tok_R: torch.Tensor, expert_R: torch.Tensor,
+                        gate_R: torch.Tensor, n_const_slots: int) -> torch.Tensor:
+        """Add the copy and constant experts' outputs for slots sorted by expert (constant slots first).
+
+        Per slot only scalars are computed (the gate g, and a = softmax(W_c x) for constant slots, which needs
+        just those slots' rows); they fold into one coefficient of x per token and one of each v, applied in
+        two fused passes: y += cx_T * x + cv_TC @ v. No [slots, D] tensor is materialised for copy slots.
+        """
+        T = x_TD.shape[0]
+        C = self.n_constant
+        cx_T = torch.zeros(T, dtype=gate_R.dtype, device=x_TD.device)
+        if n_const_slots:
+            tok_c, g_c = tok_R[:n_const_slots], gate_R[:n_const_slots]
+            c_R = expert_R[:n_const_slots] - self.n_ffn
+            D = x_TD.shape[1]
+            logits_all = F.linear(x_TD.index_select(0, tok_c), self.const_wc.reshape(C * 2, D)).view(-1, C, 2)
+            a_R2 = torch.softmax(logits_all.gather(1, c_R.view(-1, 1, 1).expand(-1, 1, 2)).squeeze(1).float(), -1)
+            cx_T = cx_T.index_add(0, tok_c, g_c * a_R2[:, 0])
+            cv_TC = torch.zeros(T, C, dtype=gate_R.dtype, device=x_TD.device)
+            cv_TC = cv_TC.index_put((tok_c, c_R), g_c * a_R2[:, 1], accumulate=True)
+            y_TD = y_TD.addmm(cv_TC.to(y_TD.dtype), self.const_v.to(y_TD.dtype))
+        if n_const_slots < tok_R.numel():
+            cx_T = cx_T.index_add(0, tok_R[n_const_slots:], gate_R[n_const_slots:])
+        return y_TD.addcmul(x_TD, cx_T.to(x_TD.dtype).unsqueeze(1))
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -11,7 +12,7 @@ from .config import MoEConfig
 from .dispatch import dispatch_combine
 from .experts import FFNExperts, ZeroComputationExperts
 from .losses import heterogeneous_balance_loss, router_z_loss
-from .router import Router, gate
+from .router import Gating, Router, gate
 
 
 @dataclass
@@ -51,16 +52,26 @@ class MoELayer(nn.Module):
         return_record: bool = False,
         valid_T: torch.Tensor | None = None,
         backend: str | None = None,
+        forced_routing: tuple[torch.Tensor, torch.Tensor] | None = None,
+        marker: Callable[[str], None] | None = None,
     ) -> MoEOutput:
         """x: [..., D]. prev_logits_TN: the previous MoE layer's logits (None for the first, or to ablate).
-        valid_T: bool mask of real (non-padding) tokens, used only by the losses; padding is still routed."""
+        valid_T: bool mask of real (non-padding) tokens, used only by the losses; padding is still routed.
+        forced_routing: (topk_ids_TK, gates_TK) replacing the router's choice after the router has run, so
+        benchmarks pay the router's cost but control the load.
+        marker: called with a stage name as each stage ends (router, sort, gather, ...), for timing."""
         cfg = self.cfg
         x_TD = x.reshape(-1, cfg.d_model)
         use_residual = cfg.gating_residual and prev_logits_TN is not None
         logits_TN = self.router(x_TD, prev_logits_TN if use_residual else None)
         g = gate(logits_TN, cfg)
+        if forced_routing is not None:
+            g = Gating(forced_routing[0], forced_routing[1], g.probs_TN)
+        if marker is not None:
+            marker("router")
         expert_x_TD = x_TD * cfg.top_k if cfg.scale_input_by_k else x_TD
-        y_TD, plan = dispatch_combine(expert_x_TD, g.topk_ids_TK, g.gates_TK, self.ffn, self.zc, cfg, backend)
+        y_TD, plan = dispatch_combine(expert_x_TD, g.topk_ids_TK, g.gates_TK, self.ffn, self.zc, cfg, backend,
+                                      marker)
 
         balance = heterogeneous_balance_loss(g.probs_TN, g.topk_ids_TK, cfg, valid_T)
         zl = router_z_loss(logits_TN, valid_T) if cfg.zloss_coef > 0 else logits_TN.new_zeros(())

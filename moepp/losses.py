@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .config import MoEConfig
+from .dispatch import count_per_expert
 
 
 def expert_weights(cfg: MoEConfig, device=None) -> torch.Tensor:
@@ -25,13 +26,12 @@ def heterogeneous_balance_loss(probs_TN: torch.Tensor, topk_ids_TK: torch.Tensor
     N = cfg.n_experts
     if valid_T is None:
         n_tokens = probs_TN.shape[0]
-        counts_N = torch.bincount(topk_ids_TK.reshape(-1), minlength=N)
+        counts_N = count_per_expert(topk_ids_TK, N)
         P_N = probs_TN.mean(0)
     else:
         w_T = valid_T.to(probs_TN.dtype)
         n_tokens = w_T.sum().clamp_min(1.0)
-        counts_N = torch.bincount(topk_ids_TK.reshape(-1), weights=w_T.repeat_interleave(topk_ids_TK.shape[1]),
-                                  minlength=N)
+        counts_N = count_per_expert(topk_ids_TK, N, w_T.repeat_interleave(topk_ids_TK.shape[1]))
         P_N = (probs_TN * w_T.unsqueeze(1)).sum(0) / n_tokens
     f_N = counts_N.to(probs_TN.dtype) / n_tokens
     return (expert_weights(cfg, probs_TN.device) * f_N * P_N).sum()
