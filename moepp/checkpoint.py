@@ -224,7 +224,7 @@ def _load_official(ckpt: Path, raw: dict, dtype: torch.dtype | None) -> MoEDecod
         raise CheckpointError(f"{where}: missing tensor {exc.args[0]!r}") from None
     except RuntimeError as exc:  # torch.stack of experts with unequal shapes
         raise CheckpointError(f"{where}: expert weights of unequal shapes ({str(exc).splitlines()[0]})") from None
-    stored = next(iter(state.values())).dtype
+    stored = state["model.embed_tokens.weight"].dtype  # not the first tensor: a router may be kept in float32
     model = _build(cfg, ours, where, dtype or stored)
     model.checkpoint_info = CheckpointInfo(str(ckpt), "official", [f.name for f in files], str(dtype or stored).removeprefix("torch."),
                                            tau_known=False, extra={"config": raw})
@@ -248,6 +248,8 @@ def _build(cfg: ModelConfig, state: dict[str, torch.Tensor], where: Path, dtype:
     # No random init of weights about to be overwritten: allocate empty, then copy the checkpoint in.
     # Router tensors stay float32 (Router._apply); everything else takes the requested dtype.
     model = shell.to_empty(device="cpu").to(dtype)
+    if cfg.tie_embeddings:  # to_empty from the meta device gives lm_head its own tensor; tie them again
+        model.lm_head.weight = model.embed.weight
     model.load_state_dict(state, strict=True)
     model.eval()
     return model

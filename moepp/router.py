@@ -73,6 +73,8 @@ def gate(logits_TN: torch.Tensor, cfg: MoEConfig) -> Gating:
         zero = cfg.type_range("zero")
         is_zero_TK = (ids_TK >= zero.start) & (ids_TK < zero.stop)
         gates_TK = gates_TK.masked_fill(is_zero_TK, 0.0)
-        # With one zero expert a token always keeps one nonzero gate; the clamp only guards n_zero >= K.
-        gates_TK = gates_TK / gates_TK.sum(dim=1, keepdim=True).clamp_min(torch.finfo(gates_TK.dtype).tiny)
+        # Divide by the plain sum as the official code does (a clamp would bend tiny sums); a token whose K
+        # choices are all zero experts (possible only with n_zero >= K) keeps zero gates instead of NaN.
+        total_T1 = gates_TK.sum(dim=1, keepdim=True)
+        gates_TK = gates_TK / torch.where(total_T1 > 0, total_T1, torch.ones_like(total_T1))
     return Gating(ids_TK, gates_TK, probs_TN)
