@@ -101,5 +101,6 @@ class ZeroComputationExperts(nn.Module):
             y_TD = y_TD.addmm(cv_TC.to(y_TD.dtype), self.const_v.to(y_TD.dtype))
         if n_const_slots < tok_R.numel():
             cx_T = cx_T.index_add(0, tok_R[n_const_slots:], gate_R[n_const_slots:])
-        return y_TD.addcmul(x_TD, cx_T.to(x_TD.dtype).unsqueeze(1))
+        # In place: addcmul_'s backward does not need the old y, so this saves a [T, D] buffer.
+        return y_TD.addcmul_(x_TD, cx_T.to(x_TD.dtype).unsqueeze(1))
 
