@@ -70,16 +70,18 @@ def _memory_check(preset: str, tokens: list[int], taus: list[float], dtype: str,
 
 def throughput(
     preset: str = typer.Option("1b", help=f"Layer shape: {', '.join(PRESETS)}."),
-    tokens: Optional[List[int]] = typer.Option(None, "--tokens", help="Tokens per forward (repeatable). [default: 8192]"),
-    tau: Optional[List[float]] = typer.Option(None, "--tau", help="tau values (repeatable). [default: 0.1 0.25 0.5 0.75 1.0]"),
+    tokens: Optional[List[int]] = typer.Option(None, "--tokens", help="Tokens per forward (repeatable).",
+                                               show_default="8192"),
+    tau: Optional[List[float]] = typer.Option(None, "--tau", help="tau values (repeatable).",
+                                              show_default="0.1 0.25 0.5 0.75 1.0"),
     dtype: str = typer.Option("float32", help="float32 or bfloat16."),
     backend: Optional[List[str]] = typer.Option(None, "--backend", help="Dispatch backend (repeatable): sorted, "
                                                 "padded, grouped_mm, or auto (grouped_mm on CUDA: no host sync; "
-                                                "sorted on CPU). [default: auto]"),
+                                                "sorted on CPU).", show_default="auto"),
     routing: str = typer.Option("balanced", help=f"Routing load: {SPEC_HELP}."),
     backward: bool = typer.Option(False, "--backward/--no-backward", help="Time forward+backward."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
-    threads: Optional[int] = typer.Option(None, help="torch intra-op threads [default: all cores]."),
+    threads: Optional[int] = typer.Option(None, help="torch intra-op threads.", show_default="all cores"),
     repeats: int = typer.Option(7, help="Timed rounds (each case once per round, interleaved)."),
     warmup: int = typer.Option(2, help="Untimed calls per case first."),
     seed: int = typer.Option(0, help="Seed for weights, inputs and routing."),
