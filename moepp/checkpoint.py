@@ -327,7 +327,10 @@ def save_pretrained(model: MoEDecoderLM, path: str | os.PathLike, *, meta: dict 
     config = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "model": model.cfg.to_dict(),
               "meta": meta or {}}
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700; a checkpoint is for everyone who may read here
         save_file(state, str(staging / OUR_WEIGHTS), metadata={"format": FORMAT_NAME})
         for name, content in (extra_files or {}).items():
             if isinstance(content, bytes):
@@ -335,6 +338,8 @@ def save_pretrained(model: MoEDecoderLM, path: str | os.PathLike, *, meta: dict 
             else:
                 shutil.copyfile(content, staging / name)
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        for f in staging.iterdir():
+            os.chmod(f, 0o666 & ~umask)
         if not target.exists():
             os.replace(staging, target)
             return target

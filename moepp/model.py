@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .experts import swiglu
 from .layer import MoELayer, RoutingRecord
 
 
@@ -94,7 +93,7 @@ class DecoderLayer(nn.Module):
 
 @dataclass
 class LMOutput:
-    logits: torch.Tensor  # [B, S, V] float32
+    logits: torch.Tensor | None  # [B, S, V] float32 (None with return_logits=False)
     loss: torch.Tensor | None = None  # ce_loss + aux_loss when labels were given
     ce_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None  # sum over MoE layers of beta * L_b + z_coef * L_z
@@ -131,9 +130,14 @@ class MoEDecoderLM(nn.Module):
         return_routing: bool = False,
         gating_residual: bool = True,
         backend: str | None = None,
+        return_logits: bool = True,
     ) -> LMOutput:
         """input_ids: [B, S] long. attention_mask: [B, S] (1 = real token). labels: [B, S], -100 ignored;
-        shifted inside (position s predicts s+1). gating_residual=False ablates the residual at inference."""
+        shifted inside (position s predicts s+1). gating_residual=False ablates the residual at inference.
+        return_logits=False skips the LM head (logits None): routing analyses need only the MoE layers, and
+        the head can cost more than the whole decoder for a small model with a large vocabulary."""
+        if labels is not None and not return_logits:
+            raise ValueError("labels need logits: do not pass return_logits=False with labels")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         B, S = input_ids.shape
@@ -173,7 +177,7 @@ class MoEDecoderLM(nn.Module):
                     routing.append(out.record)
             else:
                 x_BSD = x_BSD + layer.mlp(h_BSD)
-        logits = self.lm_head(self.norm(x_BSD)).float()
+        logits = self.lm_head(self.norm(x_BSD)).float() if return_logits else None
 
         result = LMOutput(logits=logits, aux_loss=aux, balance_loss=balance, z_loss=zl, n_dropped=n_dropped,
                           routing=routing)
