@@ -93,16 +93,20 @@ def _ffn_sorted(x_RD: torch.Tensor, counts: list[int], ffn: FFNExperts) -> torch
 
 def _ffn_sorted_inference(x_RD: torch.Tensor, counts: list[int], ffn: FFNExperts) -> torch.Tensor:
     # No autograd: write every expert's result into one preallocated buffer (no cat, fewer large allocations).
+    # The gate and up halves of w_up[e] are contiguous row blocks, so they run as two matmuls into two
+    # contiguous buffers: the down projection then reads a contiguous operand (no strided half of [n, 2H]).
     R, D = x_RD.shape
     H = ffn.w_down.shape[2]
     out_RD = x_RD.new_empty(R, D)
-    h_buf = x_RD.new_empty(max(counts, default=0) * 2 * H)
+    n_max = max(counts, default=0)
+    gate_buf, up_buf = x_RD.new_empty(n_max * H), x_RD.new_empty(n_max * H)
     start = 0
     for e, n in enumerate(counts):
         if n:
-            h_n2H = h_buf[: n * 2 * H].view(n, 2 * H)
-            torch.mm(x_RD[start : start + n], ffn.w_up[e].t(), out=h_n2H)
-            gate_nH, up_nH = h_n2H[:, :H], h_n2H[:, H:]
+            x_nD = x_RD[start : start + n]
+            gate_nH, up_nH = gate_buf[: n * H].view(n, H), up_buf[: n * H].view(n, H)
+            torch.mm(x_nD, ffn.w_up[e, :H].t(), out=gate_nH)
+            torch.mm(x_nD, ffn.w_up[e, H:].t(), out=up_nH)
             F.silu(gate_nH, inplace=True).mul_(up_nH)
             torch.mm(gate_nH, ffn.w_down[e].t(), out=out_RD[start : start + n])
         start += n

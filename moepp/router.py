@@ -35,10 +35,23 @@ class Router(nn.Module):
         return self
 
     def forward(self, x_TD: torch.Tensor, prev_logits_TN: torch.Tensor | None = None) -> torch.Tensor:
-        logits_TN = self.wg(x_TD.float())
+        if x_TD.dtype != torch.float32 and isinstance(self.wg, nn.Linear) and not torch.is_grad_enabled():
+            logits_TN = _linear_float32_chunked(x_TD, self.wg.weight)
+        else:
+            logits_TN = self.wg(x_TD.float())
         if prev_logits_TN is not None:
             logits_TN = logits_TN + self.gate_map(prev_logits_TN.float())
         return logits_TN
+
+
+def _linear_float32_chunked(x_TD: torch.Tensor, w_ND: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """x @ w.T in float32 for a low-precision x, converting a block of rows at a time: the float32 copy of a
+    block stays in cache instead of a [T, D] float32 copy going through memory (the router has only N
+    columns, so it is bound by reading x). Each output row depends only on its input row, as unchunked."""
+    out_TN = torch.empty(x_TD.shape[0], w_ND.shape[0], device=x_TD.device, dtype=torch.float32)
+    for i in range(0, x_TD.shape[0], rows):
+        torch.mm(x_TD[i : i + rows].float(), w_ND.t(), out=out_TN[i : i + rows])
+    return out_TN
 
 
 @dataclass
