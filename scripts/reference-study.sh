@@ -2,7 +2,7 @@
 # Regenerate the reference study in results/: throughput (with the paper's Table 3 sizes), FLOPs, all-to-all
 # bytes and routing on the shipped checkpoints, then the report that ties them together.
 #
-#   scripts/reference-study.sh                 # the reference study into results/ (about 20 minutes, 2 cores)
+#   scripts/reference-study.sh                 # the reference study into results/ (about 25 minutes, 2 cores)
 #   scripts/reference-study.sh --quick --out /tmp/study   # the same pipeline with tiny settings (a few minutes)
 #
 # Options: --quick (tiny settings, to check the pipeline), --out DIR (default results), --checkpoints DIR
@@ -59,6 +59,11 @@ run() {  # tables on stdout are dropped: the result files hold them
 
 if [[ $QUICK == 1 ]]; then
     THROUGHPUT=(--preset tiny --tokens 256 --tokens 1024 --repeats 2 --warmup 1 --breakdown)
+    THROUGHPUT_BF16=(--preset tiny --tokens 256 --dtype bfloat16 --repeats 2 --warmup 1)
+    THROUGHPUT_BWD=(--preset tiny --tokens 256 --backward --repeats 2 --warmup 1)
+    THROUGHPUT_TOKENS=(--preset tiny --tokens 64 --tokens 512 --tau 0.75 --repeats 2 --warmup 1)
+    THROUGHPUT_BACKENDS=(--preset tiny --tokens 256 --tau 0.75 --backend sorted --backend padded --backend grouped_mm
+                         --repeats 2 --warmup 1)
     PAPER=(--paper-table --tokens 64 --tau 0.1 --tau 1.0 --repeats 1 --warmup 0)
     FLOPS=(--preset tiny --tokens 512)
     FLOPS_CKPT=(--tokens 256)
@@ -66,7 +71,14 @@ if [[ $QUICK == 1 ]]; then
     PREDICT=(--preset tiny --predict)
     ROUTING=(--max-tokens 1000)
 else
-    THROUGHPUT=(--preset 1b --tokens 1024 --tokens 4096 --tokens 16384 --breakdown)
+    # The targets: 1b, 8192 tokens, the tau sweep, float32 and bfloat16, forward and fwd+bwd;
+    # default backend vs moe-loop from 256 to 16384 tokens; one line per backend at 4096 tokens, 2 threads.
+    THROUGHPUT=(--preset 1b --tokens 8192 --repeats 9 --breakdown)
+    THROUGHPUT_BF16=(--preset 1b --tokens 8192 --dtype bfloat16 --repeats 9 --breakdown)
+    THROUGHPUT_BWD=(--preset 1b --tokens 8192 --backward --repeats 5)
+    THROUGHPUT_TOKENS=(--preset 1b --tokens 256 --tokens 1024 --tokens 4096 --tokens 16384 --tau 0.75)
+    THROUGHPUT_BACKENDS=(--preset 1b --tokens 4096 --threads 2 --tau 0.75 --backend sorted --backend padded
+                         --backend grouped_mm)
     PAPER=(--paper-table)
     FLOPS=(--preset 1b --tokens 8192)
     FLOPS_CKPT=(--tokens 2048)
@@ -75,7 +87,11 @@ else
     ROUTING=()
 fi
 
-run moepp-bench throughput "${THROUGHPUT[@]}" --out results/throughput >/dev/null
+run moepp-bench throughput "${THROUGHPUT[@]}" --out results/throughput/fp32 >/dev/null
+run moepp-bench throughput "${THROUGHPUT_BF16[@]}" --out results/throughput/bf16 >/dev/null
+run moepp-bench throughput "${THROUGHPUT_BWD[@]}" --out results/throughput/fp32-backward >/dev/null
+run moepp-bench throughput "${THROUGHPUT_TOKENS[@]}" --out results/throughput/tokens >/dev/null
+run moepp-bench throughput "${THROUGHPUT_BACKENDS[@]}" --out results/throughput/backends >/dev/null
 run moepp-bench throughput "${PAPER[@]}" --out results/paper-table >/dev/null
 run moepp-bench flops "${FLOPS[@]}" --out results/flops >/dev/null
 run moepp-bench flops --checkpoint "$CKPTS/moepp-tau0.75" "${FLOPS_CKPT[@]}" --out results/flops-checkpoint >/dev/null
