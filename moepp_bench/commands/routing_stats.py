@@ -17,7 +17,6 @@ from typing import List, Optional
 import torch
 import typer
 
-import moepp_bench
 
 from ..errors import BenchError
 from ..measure.routing_stats import RoutingLayout, collect_routing_stats, extreme_tokens, layer_summary_rows
@@ -27,7 +26,10 @@ from ..report.console import progress_bar, rich_table, stderr, stdout
 from ..report.routing_files import (ROUTING_FILE, TRACE_FILE, RoutingIdsWriter, TraceWriter,
                                     write_routing_tables)
 
-DATA_DIR = Path(moepp_bench.__file__).parent / "data"
+# From this file, not moepp_bench.__file__: a directory named moepp_bench in the working directory (the
+# reference study's staging tree) can shadow the package as a namespace package whose __file__ is None.
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+DATA_DIR = PACKAGE_DIR / "data"
 SHIPPED_CHECKPOINTS = DATA_DIR / "checkpoints"
 DEFAULT_CHECKPOINT = "moepp-tau0.75"
 EVAL_DIR = DATA_DIR / "eval"
@@ -75,7 +77,7 @@ def default_texts() -> list[Path]:
 def _display_path(path: Path) -> str:
     """Paths in result files: relative to the repository or the working directory when inside them."""
     resolved = path.resolve()
-    for root in (Path(moepp_bench.__file__).resolve().parent.parent, Path.cwd().resolve()):
+    for root in (PACKAGE_DIR.parent, Path.cwd().resolve()):
         if resolved.is_relative_to(root):
             return str(resolved.relative_to(root))
     return str(path)
