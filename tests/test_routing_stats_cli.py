@@ -222,11 +222,11 @@ def test_no_arguments_uses_the_shipped_checkpoint_and_evaluation_texts(tmp_path,
     shipped = command.SHIPPED_CHECKPOINTS / command.DEFAULT_CHECKPOINT
     if not (shipped / "config.json").is_file() or not list(command.EVAL_DIR.glob("*.txt")):
         pytest.skip(f"the shipped checkpoint or evaluation texts are not in this checkout ({shipped})")
-    monkeypatch.chdir(tmp_path)  # the default --out is results/routing under the working directory
+    monkeypatch.chdir(tmp_path)  # the default --out is results/routing/<checkpoint> under the working directory
     code, stdout, err = run_cli(["--max-tokens", 64, "--no-plots", "--no-ablate-gating-residual"], capsys,
                                 monkeypatch)
     assert code == 0, err
-    out = tmp_path / "results" / "routing"
+    out = tmp_path / "results" / "routing" / command.DEFAULT_CHECKPOINT
     summary = json.loads((out / "summary.json").read_text())
     texts = sorted(command.EVAL_DIR.glob("*.txt"))
     assert [t["name"] for t in summary["tasks"]] == [p.stem for p in texts]

@@ -144,7 +144,8 @@ def routing_stats(
     seq_len: Optional[int] = typer.Option(
         None, help="Tokens per sequence (text is cut into windows of this length). Default: the checkpoint's "
                    "training length (training.json), else 512.", show_default=False),
-    out: Path = typer.Option(Path("results/routing"), help="Output directory (replaced when the run finishes)."),
+    out: Optional[Path] = typer.Option(None, help="Output directory (its files are replaced when the run "
+                                                  "finishes).", show_default="results/routing/<checkpoint name>"),
     ablate_gating_residual: bool = typer.Option(
         True, "--ablate-gating-residual/--no-ablate-gating-residual",
         help="Also route with the gating residual switched off at inference (routing-score histograms as in "
@@ -170,6 +171,8 @@ def routing_stats(
             raise BenchError(f"--device {device}: no CUDA device here; use --device cpu")
     elif device != "cpu":
         raise BenchError(f"--device must be cpu or cuda[:N], got {device!r}")
+    if out is None:  # one directory per checkpoint, so runs on several checkpoints sit side by side
+        out = Path("results/routing") / resolve_checkpoint(checkpoint).resolve().name
     if out.exists() and not out.is_dir():
         raise BenchError(f"--out {out} is a file; give a directory")
     if threads < 0:

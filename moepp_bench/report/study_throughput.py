@@ -166,11 +166,14 @@ def throughput_section(studies: list[Study], fig_dir: Path) -> list[Block]:
                 blocks.append(base)
         speed = [[r for r in rows if r["model"] == "moepp"] for rows in per_side]
         key = lambda r: (r[RUN], r["preset"], r["tokens"], r["dtype"], r["pass"], r.get("routing"))  # noqa: E731
+        # A curve against tau needs two taus; single-tau runs (token or backend sweeps) are in the tables.
         grid = build_grid(speed, key, lambda k, rows: Panel(
-            f"{run_prefix(k[0])}{k[1]}, {k[2]:,} tokens, {k[3]}, {k[4]}", rows))
-        blocks += figure_blocks(grid, sides, draw_speedup_panel, fig_dir, f"{kind}_speedup_vs_tau",
-                          "Speedup of MoE++ over the vanilla MoE against tau: measured, ideal (vanilla over MoE++ "
-                          "FFN slots) and, where it has the setting, the paper's Table 3.")
+            f"{run_prefix(k[0])}{k[1]}, {k[2]:,} tokens, {k[3]}, {k[4]}", rows)
+            if len({r["tau"] for r in rows}) > 1 else None)
+        if grid:
+            blocks += figure_blocks(grid, sides, draw_speedup_panel, fig_dir, f"{kind}_speedup_vs_tau",
+                                    "Speedup of MoE++ over the vanilla MoE against tau: measured, ideal (vanilla "
+                                    "over MoE++ FFN slots) and, where it has the setting, the paper's Table 3.")
         if kind == "throughput":
             key = lambda r: (r[RUN], r["preset"], r["dtype"], r["pass"], r.get("routing"))  # noqa: E731
             grid = build_grid(per_side, key, lambda k, rows: Panel(f"{run_prefix(k[0])}{k[1]}, {k[2]}, {k[3]}",
