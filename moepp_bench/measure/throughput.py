@@ -75,12 +75,9 @@ class _Case:
         return f"{self.model}[{self.backend}]" + ("" if self.tau is None else f"@{self.tau:g}")
 
 
-def _layer_call(layer: MoELayer, x: torch.Tensor, routing, backend: str, backward: bool, dy: torch.Tensor | None):
-    params = [p for p in layer.parameters() if p.requires_grad]
-
-    def forward():
-        return layer(x, forced_routing=routing, backend=backend).y
-
+def _timed_call(forward: Callable[[], torch.Tensor], inputs: list[torch.Tensor], backward: bool,
+                dy: torch.Tensor | None) -> Callable[[], None]:
+    """What one timed call runs: the forward under inference_mode, or forward + gradients of `inputs`."""
     if not backward:
         def run():
             with torch.inference_mode():
@@ -88,24 +85,18 @@ def _layer_call(layer: MoELayer, x: torch.Tensor, routing, backend: str, backwar
         return run
 
     def run_bwd():
-        y = forward()
-        torch.autograd.grad(y, [x, *params], dy, allow_unused=True)
+        torch.autograd.grad(forward(), inputs, dy, allow_unused=True)
     return run_bwd
+
+
+def _layer_call(layer: MoELayer, x: torch.Tensor, routing, backend: str, backward: bool, dy: torch.Tensor | None):
+    params = [p for p in layer.parameters() if p.requires_grad]
+    return _timed_call(lambda: layer(x, forced_routing=routing, backend=backend).y, [x, *params], backward, dy)
 
 
 def _dense_call(w_up_2HD, w_down_DH, x_SD, backward: bool, dy_SD):
-    def forward():
-        return torch.mm(swiglu(torch.mm(x_SD, w_up_2HD.t())), w_down_DH.t())
-
-    if not backward:
-        def run():
-            with torch.inference_mode():
-                forward()
-        return run
-
-    def run_bwd():
-        torch.autograd.grad(forward(), [x_SD, w_up_2HD, w_down_DH], dy_SD)
-    return run_bwd
+    return _timed_call(lambda: torch.mm(swiglu(torch.mm(x_SD, w_up_2HD.t())), w_down_DH.t()),
+                       [x_SD, w_up_2HD, w_down_DH], backward, dy_SD)
 
 
 def build_layers(settings: ThroughputSettings) -> tuple[MoELayer, dict[float, MoELayer]]:
