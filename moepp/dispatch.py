@@ -76,7 +76,8 @@ def make_plan(topk_ids_TK: torch.Tensor, cfg: MoEConfig) -> DispatchPlan:
 
 
 # FFN backends on sorted rows ---------------------------------------------------------------------------------
-def _ffn_sorted(x_RD: torch.Tensor, counts: list[int], ffn: FFNExperts) -> torch.Tensor:
+def ffn_sorted_rows(x_RD: torch.Tensor, counts: list[int], ffn: FFNExperts) -> torch.Tensor:
+    """SwiGLU expert e on rows [sum(counts[:e]), sum(counts[:e+1])) of x_RD, for every expert."""
     if not torch.is_grad_enabled() or not (x_RD.requires_grad or ffn.w_up.requires_grad):
         return _ffn_sorted_inference(x_RD, counts, ffn)
     # unbind once: indexing w_up[e] per expert would make autograd build a full-size zero gradient per expert.
@@ -179,7 +180,7 @@ def dispatch_combine(
         tok_R = plan.token_S[:n_ffn_slots]
         x_RD = x_TD.index_select(0, tok_R)
         mark("gather")
-        ffn_fn = _ffn_padded if backend == "padded" else _ffn_sorted
+        ffn_fn = _ffn_padded if backend == "padded" else ffn_sorted_rows
         rows_RD = ffn_fn(x_RD, counts[: cfg.n_ffn], ffn)
         mark("expert_matmuls")
         g_R1 = gates_S[:n_ffn_slots].to(x_TD.dtype).unsqueeze(1)

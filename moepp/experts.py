@@ -35,10 +35,6 @@ class FFNExperts(nn.Module):
     def n_experts(self) -> int:
         return self.w_up.shape[0]
 
-    def expert(self, e: int, x_RD: torch.Tensor) -> torch.Tensor:
-        """Expert e on rows x_RD; used by the loop backend and for checks."""
-        return F.linear(swiglu(F.linear(x_RD, self.w_up[e])), self.w_down[e])
-
 
 class ZeroComputationExperts(nn.Module):
     """Constant experts' parameters; zero and copy experts have none."""

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import MoEConfig
-from .dispatch import make_plan
+from .dispatch import ffn_sorted_rows, make_plan
 from .experts import FFNExperts, ZeroComputationExperts
 from .layer import MoELayer
 from .losses import heterogeneous_balance_loss
@@ -167,13 +167,8 @@ class ExpertParallelMoE(nn.Module):
                   for e in range(E_loc) for p in range(P)]
         by_expert_R = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long, device=recv_RD.device)
         x_RD = recv_RD.index_select(0, by_expert_R)
-        outs, row = [], 0
-        for e in range(E_loc):
-            n = sum(plan.recv_counts_PE[p][e] for p in range(P))
-            if n:
-                outs.append(self.ffn.expert(e, x_RD[row : row + n]))
-            row += n
-        y_RD = torch.cat(outs) if outs else x_RD.new_zeros(0, x_RD.shape[1])
+        counts = [sum(plan.recv_counts_PE[p][e] for p in range(P)) for e in range(E_loc)]
+        y_RD = ffn_sorted_rows(x_RD, counts, self.ffn)
         return torch.zeros_like(y_RD).index_copy(0, by_expert_R, y_RD)
 
     def zc_terms(self, expert_x_TD: torch.Tensor, plan: ExchangePlan) -> torch.Tensor:
