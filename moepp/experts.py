@@ -31,10 +31,6 @@ class FFNExperts(nn.Module):
         self.w_up = nn.Parameter(torch.randn(E, 2 * H, D) * init_std)
         self.w_down = nn.Parameter(torch.randn(E, D, H) * init_std)
 
-    @property
-    def n_experts(self) -> int:
-        return self.w_up.shape[0]
-
 
 class ZeroComputationExperts(nn.Module):
     """Constant experts' parameters; zero and copy experts have none."""

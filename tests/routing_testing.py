@@ -3,15 +3,16 @@ tokenizer for it, a writer of the official MoE++ checkpoint layout, and an in-pr
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from moepp import ModelConfig, MoEConfig, MoEDecoderLM, save_pretrained
+
+from moe_testing import OFFICIAL_FIXTURE_NAMES, official_fixture  # noqa: F401 (re-exported for the routing tests)
+from official_writer import write_official
 
 # Forced routing: expert layout 0, 1 FFN; 2, 3 constant; 4 copy; 5 zero (N = 6, K = 2).
 # FORCED[layer][token] = (top-1 expert, top-2 expert).
@@ -107,46 +108,9 @@ def official_model(style: str, seed: int = 0) -> MoEDecoderLM:
     return model.eval()
 
 
-def write_official(model: MoEDecoderLM, path: Path) -> Path:
-    """Save in the official layout: the inverse of moepp.checkpoint.official_to_ours, plus its config.json."""
-    from safetensors.torch import save_file
-
-    cfg, m = model.cfg, model.cfg.moe
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"],
-           "lm_head.weight": sd["lm_head.weight"]}
-    for i in range(cfg.n_layers):
-        src, dst = f"layers.{i}.", f"model.layers.{i}."
-        out[dst + "input_layernorm.weight"] = sd[src + "attn_norm.weight"]
-        out[dst + "post_attention_layernorm.weight"] = sd[src + "mlp_norm.weight"]
-        for p in "qkvo":
-            out[dst + f"self_attn.{p}_proj.weight"] = sd[src + f"attn.{p}_proj.weight"]
-        gate, experts = dst + "mlp.moe.gate.", dst + "mlp.moe.experts.experts."
-        if m.router == "linear":
-            out[gate + "wg.weight"] = sd[src + "moe.router.wg.weight"]
-        else:
-            out[gate + "wg.0.weight"] = sd[src + "moe.router.wg.0.weight"]
-            out[gate + "wg.2.weight"] = sd[src + "moe.router.wg.2.weight"]
-        out[gate + "gate_map.weight"] = sd[src + "moe.router.gate_map.weight"]
-        for j in range(m.n_ffn):
-            out[experts + f"{j}.up_proj.weight"] = sd[src + "moe.ffn.w_up"][j].clone()
-            out[experts + f"{j}.down_proj.weight"] = sd[src + "moe.ffn.w_down"][j].clone()
-        for c, j in enumerate(m.type_range("constant")):
-            out[experts + f"{j}.constant"] = sd[src + "moe.zc.const_v"][c].clone()
-            out[experts + f"{j}.wg.weight"] = sd[src + "moe.zc.const_wc"][c].clone()
-    path.mkdir(parents=True)
-    save_file(out, str(path / "model.safetensors"))
-    config = {
-        "architectures": ["MoeForCausalLM"], "model_type": "MoE++", "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model, "intermediate_size": m.d_expert, "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads, "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": False,
-        "num_experts": [m.n_experts], "moe_expert_interval": 1, "moe_2layer_gate": m.router == "mlp",
-        "moe_use_logits_norm": m.logits_norm, "moe_gate_norm_std": m.logits_norm_std,
-        "moe_use_mixtral_gating": False, "moe_feature_no_mul_topk": not m.scale_input_by_k,
-    }
-    (path / "config.json").write_text(json.dumps(config, indent=2))
-    return path
+def write_official_routing(model: MoEDecoderLM, path: Path) -> Path:
+    """A single-file safetensors official checkpoint whose config agrees with the model's router."""
+    return write_official(model, path, "safetensors", torch.float32, moe_2layer_gate=model.cfg.moe.router == "mlp")
 
 
 # CLI -------------------------------------------------------------------------------------------------------
@@ -170,15 +134,3 @@ def read_csv(path: Path) -> list[dict]:
 
     with open(path, newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
-
-
-# The two tiny checkpoints written by the official MoE++ code live beside the repository, in ../shared/fixtures.
-OFFICIAL_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
-OFFICIAL_FIXTURE_NAMES = ("official-code-defaults", "official-release-options")
-
-
-def official_fixture(name: str) -> Path:
-    path = OFFICIAL_FIXTURES / name
-    if not (path / "expected.json").is_file():
-        pytest.skip(f"official fixture {name} not found at {path} (it ships beside the repo in ../shared/fixtures)")
-    return path

@@ -19,20 +19,14 @@ from moepp_bench.measure import token_input
 from moepp_bench.measure.imbalance import imbalance
 
 from routing_testing import (FORCED, OFFICIAL_FIXTURE_NAMES, forced_logit, forced_scores, official_fixture,
-                             official_model, read_csv, run_cli, save_forced, write_official)
+                             official_model, read_csv, run_cli, save_forced, write_official_routing)
 
 ROWS = [[0, 1, 2, 3, 0, 0], [3, 2, 1]]  # ragged: the second row is padded in a batch of 2
 TOKENS = [t for row in ROWS for t in row]
 T, K = len(TOKENS), 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: extra threads only add synchronisation on the 2-core machines.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
@@ -322,7 +316,7 @@ def expert_tokens_from_csv(path: Path, n_layers: int, n_experts: int) -> list[li
 
 @pytest.mark.parametrize("style", ["release", "defaults"])
 def test_official_layout_counts_equal_the_official_router(style, tmp_path, capsys, monkeypatch):
-    ckpt = write_official(official_model(style), tmp_path / f"official-{style}")
+    ckpt = write_official_routing(official_model(style), tmp_path / f"official-{style}")
     input_ids = torch.randint(0, 96, (4, 40), generator=torch.Generator().manual_seed(1))
     ids = tmp_path / "ids.pt"
     torch.save(input_ids, ids)

@@ -18,12 +18,7 @@ from moepp_bench.commands import routing_stats as command
 from routing_testing import read_csv, run_cli, save_forced
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
